@@ -381,6 +381,18 @@ pub enum Stage {
     Ppo,
 }
 
+impl Stage {
+    /// Returns the stage's name as written on the wire and in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Pretrain => "pretrain",
+            Stage::Sft => "sft",
+            Stage::RewardModel => "reward_model",
+            Stage::Ppo => "ppo",
+        }
+    }
+}
+
 /// Work for a trainer service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRequest {

@@ -10,7 +10,7 @@
 //! | `troupe.<run>.rollouts` | [`Rollout`](crate::Rollout) | work queue shared by reward scorers |
 //! | `troupe.<run>.scored` | [`ScoredRollout`](crate::ScoredRollout) | work queue of the PPO learner |
 //! | `troupe.<run>.models` | [`ModelAnnouncement`](crate::ModelAnnouncement) | pub/sub, kept in the stream for late readers |
-//! | `troupe.<run>.jobs` | [`JobRequest`](crate::JobRequest) | work queue shared by trainers |
+//! | `troupe.<run>.jobs.<stage>` | [`JobRequest`](crate::JobRequest) | work queue shared by the trainers of one stage (`pretrain`, `sft`, `reward_model`, `ppo`) |
 //! | `troupe.<run>.progress` | [`JobProgress`](crate::JobProgress) | pub/sub |
 //! | `troupe.<run>.dead` | [`DeadLetter`](crate::DeadLetter) | durable, for operators |
 //!
@@ -126,6 +126,11 @@ impl Subjects {
     pub fn jobs(&self) -> String {
         self.subject(JOBS)
     }
+    /// `troupe.<run>.jobs.<stage>`: the job queue of one stage's trainers, so
+    /// a trainer only receives jobs it can run.
+    pub fn jobs_for(&self, stage: crate::Stage) -> String {
+        format!("{}.{}", self.subject(JOBS), stage.as_str())
+    }
     pub fn progress(&self) -> String {
         self.subject(PROGRESS)
     }
@@ -182,5 +187,7 @@ mod tests {
         for name in ALL {
             assert!(subject_matches(&subjects.wildcard(), &subjects.subject(name)));
         }
+        assert_eq!(subjects.jobs_for(crate::Stage::RewardModel), "troupe.demo.jobs.reward_model");
+        assert!(subject_matches(&subjects.wildcard(), &subjects.jobs_for(crate::Stage::Sft)));
     }
 }
