@@ -20,7 +20,7 @@
 //!   loading reward versions; the reward scorer uses it too.
 //! - [`train`]: the training loop, [`train_reward_model`] for the CLI.
 //! - [`service`]: [`run`], the service that takes `JobRequest`s of stage
-//!   `reward_model` from the `jobs` work queue.
+//!   `reward_model` from the `jobs.reward_model` work queue.
 //!
 //! Not here: scoring rollouts on the bus (`troupe-reward-scorer`).
 

@@ -65,7 +65,7 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    tracing::info!(subject = %bus.subjects().jobs(), store = %store_config, "reward trainer starting");
+    tracing::info!(subject = %bus.subjects().jobs_for(troupe_wire::Stage::RewardModel), store = %store_config, "reward trainer starting");
 
     let shutdown = Shutdown::new();
     let listener = shutdown.listener();

@@ -1,10 +1,10 @@
 //! The reward-model trainer as a service: takes `JobRequest`s of stage
-//! `reward_model` from the run's `jobs` subject, one at a time, and
+//! `reward_model` from the run's `jobs.reward_model` subject, one at a time, and
 //! acknowledges each only after its final version is stored and announced.
 //!
-//! Every trainer reads `jobs` through its own durable queue, so each sees
-//! every job; this one acknowledges jobs of other stages without acting on
-//! them. A job whose settings, data or base model are invalid is rejected
+//! Each stage has its own job subject, so a job for another stage that
+//! still arrives here (published on the wrong subject) is acknowledged
+//! without acting on it. A job whose settings, data or base model are invalid is rejected
 //! to the dead-letter subject with the reason. A job interrupted by
 //! shutdown or by a store or bus failure is handed back (`nak`) and, when
 //! delivered again, resumes from its newest checkpoint.
@@ -26,7 +26,7 @@ use crate::{RewardError, Settings};
 /// Settings of the job service. Each job's training settings come from the job.
 #[derive(Args, Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceSettings {
-    /// Durable queue name on the `jobs` subject, shared by reward-trainer replicas.
+    /// Durable queue name on the `jobs.reward_model` subject, shared by reward-trainer replicas.
     #[arg(long = "queue", env = "TROUPE_REWARD_QUEUE", default_value = "reward-trainer")]
     pub queue: String,
 
@@ -78,13 +78,13 @@ pub async fn run(
     });
 
     let ack_wait = Duration::from_secs(settings.job_ack_wait_secs);
-    let mut config = QueueConfig::new(&settings.queue, &bus.subjects().jobs());
+    let mut config = QueueConfig::new(&settings.queue, &bus.subjects().jobs_for(troupe_wire::Stage::RewardModel));
     config.ack_wait = ack_wait;
     config.max_deliver = settings.job_max_deliver;
     // One job at a time: a job occupies the whole process.
     config.max_in_flight = 1;
     let mut queue = bus.queue(config).await?;
-    tracing::info!(queue = %settings.queue, subject = %bus.subjects().jobs(), "waiting for reward-model jobs");
+    tracing::info!(queue = %settings.queue, subject = %bus.subjects().jobs_for(troupe_wire::Stage::RewardModel), "waiting for reward-model jobs");
 
     loop {
         let next = tokio::select! {
