@@ -106,7 +106,7 @@ impl MemoryBus {
         if let Some(id) = message.id() {
             state.seen_ids.insert(id.to_string(), (sequence, now));
         }
-        if sequence % 4096 == 0 {
+        if sequence.is_multiple_of(4096) {
             state.seen_ids.retain(|_, (_, stored_at)| now.duration_since(*stored_at) < DUPLICATE_WINDOW);
         }
         let incoming = Incoming { subject: subject.to_string(), headers: message.headers, payload: message.payload };
@@ -161,7 +161,7 @@ impl State {
             let Some(oldest) = self.log.pop_front() else { break };
             self.bytes -= oldest.message.payload.len();
             self.discarded += 1;
-            if self.discarded == 1 || self.discarded % 10_000 == 0 {
+            if self.discarded == 1 || self.discarded.is_multiple_of(10_000) {
                 tracing::warn!(
                     discarded = self.discarded,
                     max_bytes = MAX_STREAM_BYTES,

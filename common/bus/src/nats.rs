@@ -107,11 +107,15 @@ fn connect_options() -> ConnectOptions {
         .name("troupe")
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(|attempts| {
+            // async-nats asks for a delay before every connection attempt,
+            // the first one included (attempts = 1), so that one connects at
+            // once and only later attempts back off and log.
+            if attempts <= 1 {
+                return Duration::ZERO;
+            }
             let exponent = u32::try_from(attempts.min(16)).unwrap_or(16);
             let delay = (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY);
-            if attempts > 0 {
-                tracing::warn!(attempt = attempts, delay_ms = delay.as_millis() as u64, "reconnecting to nats");
-            }
+            tracing::warn!(attempt = attempts, delay_ms = delay.as_millis() as u64, "reconnecting to nats");
             delay
         })
         .event_callback(|event| async move {

@@ -29,7 +29,9 @@ impl NatsArgs {
             problems.push(format!("--run / TROUPE_RUN: {err}"));
         }
         let url = self.nats_url.trim();
-        if !url.is_empty() && !(url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://")) {
+        // Empty selects the in-process bus, and HOST:PORT without a scheme is a NATS server.
+        let accepted = url.is_empty() || url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://");
+        if !accepted {
             problems.push(format!(
                 "--nats / TROUPE_NATS_URL: {url:?} is not a NATS URL; use nats://HOST:PORT, or leave it empty for the in-process bus"
             ));

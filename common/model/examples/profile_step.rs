@@ -1,6 +1,7 @@
 //! Splits one training step of a preset into parts and times each, forward and
 //! backward, to show where the time goes.
-//! Run: `cargo run -p troupe-model --example profile_step -- tiny|small`.
+//! Run: `cargo run --release -p troupe-model --example profile_step -- tiny|small`.
+//! With a second argument `loop` it only runs training steps, for `perf record`.
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;

@@ -154,7 +154,7 @@ impl Config {
                 return bad(field, "must be at least 1".into());
             }
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!(
@@ -163,7 +163,10 @@ impl Config {
                 ),
             );
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(
                 "num_key_value_heads",
                 format!(

@@ -74,6 +74,7 @@ pub fn fast_exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     // Written with min/max and selects only, no branches, so loops over
     // slices that call it compile to SIMD code.
+    #[allow(clippy::manual_clamp)] // clamp would branch on NaN and block SIMD.
     let clamped = x.max(-87.3).min(88.3);
     let shifted = clamped * LOG2_E + ROUND;
     let n = shifted - ROUND;
@@ -84,7 +85,7 @@ pub fn fast_exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     let scale = f32::from_bits((n_bits.wrapping_add(127) << 23) as u32);
     let result = e_r * scale;
@@ -477,7 +478,7 @@ impl CustomOp2 for MaskedSoftmax {
         }
         let (b, t, s) = (bias_dims[0], bias_dims[1], bias_dims[2]);
         let rows_per_batch = l1.shape().elem_count() / (b * s).max(1);
-        if t == 0 || rows_per_batch % t != 0 {
+        if t == 0 || !rows_per_batch.is_multiple_of(t) {
             bail!("masked_softmax: {rows_per_batch} score rows per batch are not a multiple of {t} bias rows");
         }
         let shape = SoftmaxShape {
@@ -669,7 +670,7 @@ impl CustomOp3 for RopeHeads {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, t, width) = l1.shape().dims3()?;
         let d = self.head_dim;
-        if d == 0 || d % 2 != 0 || width % d != 0 || l1.stride()[2] != 1 {
+        if d == 0 || !d.is_multiple_of(2) || width % d != 0 || l1.stride()[2] != 1 {
             bail!(
                 "rope: cannot split width {width} (strides {:?}) into heads of {d}",
                 l1.stride()
@@ -829,7 +830,7 @@ impl CustomOp1 for SiluMul {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let width = last_dim(l1);
-        if width % 2 != 0 {
+        if !width.is_multiple_of(2) {
             bail!("silu_mul: last dimension {width} is odd");
         }
         let half = width / 2;

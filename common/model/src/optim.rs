@@ -263,6 +263,18 @@ struct AdamWKernel<'a> {
     inv_sqrt_bias_correction2: f32,
 }
 
+impl AdamWKernel<'_> {
+    fn update_chunk(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for i in 0..w.len() {
+            let grad = g[i];
+            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * grad;
+            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * grad * grad;
+            let denom = v[i].sqrt() * self.inv_sqrt_bias_correction2 + self.eps;
+            w[i] = w[i] * self.decay_factor - self.step_size * m[i] / denom;
+        }
+    }
+}
+
 impl InplaceOp2 for AdamWKernel<'_> {
     fn name(&self) -> &'static str {
         "troupe-adamw"
@@ -291,21 +303,12 @@ impl InplaceOp2 for AdamWKernel<'_> {
         if weights.len() != grads.len() || m.len() != weights.len() {
             bail!("adamw: parameter, gradient and moments differ in length");
         }
-        let update = |(((w, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
-            for i in 0..w.len() {
-                let grad = g[i];
-                m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * grad;
-                v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * grad * grad;
-                let denom = v[i].sqrt() * self.inv_sqrt_bias_correction2 + self.eps;
-                w[i] = w[i] * self.decay_factor - self.step_size * m[i] / denom;
-            }
-        };
         weights
             .par_chunks_mut(UPDATE_CHUNK)
             .zip(grads.par_chunks(UPDATE_CHUNK))
             .zip(m.par_chunks_mut(UPDATE_CHUNK))
             .zip(v.par_chunks_mut(UPDATE_CHUNK))
-            .for_each(update);
+            .for_each(|(((w, g), m), v)| self.update_chunk(w, g, m, v));
         Ok(())
     }
 }

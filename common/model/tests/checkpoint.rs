@@ -350,3 +350,35 @@ fn hf_dir_bad_config_error() {
         .to_string();
     assert!(err.contains("absent"), "{err}");
 }
+
+#[test]
+fn generate_reply_samples_from_hf_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = Tokenizer::train(["the cat sat on the mat", "a dog ran"].iter(), 300).unwrap();
+    let cfg = Config {
+        vocab_size: tokenizer.vocab_size(),
+        ..micro_config(true)
+    };
+    let model = Model::new_random(&cfg, Heads::default(), 28, DType::F32, &Device::Cpu).unwrap();
+    model.write_hf_dir(dir.path(), Some(&tokenizer)).unwrap();
+
+    let params = troupe_model::SamplingParams {
+        temperature: 0.7,
+        max_new_tokens: 5,
+        seed: 4,
+        ..Default::default()
+    };
+    let reply = troupe_model::generate_reply(dir.path(), "where is the cat?", &params).unwrap();
+    assert!(!reply.tokens.is_empty());
+    assert!(reply.tokens.len() <= 5);
+    assert_eq!(reply.logprobs.len(), reply.tokens.len());
+    assert_eq!(reply.text, tokenizer.decode(&reply.tokens, true).unwrap());
+    let again = troupe_model::generate_reply(dir.path(), "where is the cat?", &params).unwrap();
+    assert_eq!(again, reply);
+
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = troupe_model::generate_reply(dir.path(), "hi", &params)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+}

@@ -273,11 +273,15 @@ fn seeded_sampling_is_reproducible() {
         ]
     };
     let options = GenerateOptions::default();
+
     let first = generate_tokens(&model, &prompts, &params(7), None, 0, &options).unwrap();
     let again = generate_tokens(&model, &prompts, &params(7), None, 0, &options).unwrap();
     let other = generate_tokens(&model, &prompts, &params(8), None, 0, &options).unwrap();
+
     assert_eq!(first, again);
     assert_ne!(first[0].tokens, other[0].tokens);
+
+    // The uncached path draws the same tokens from the same seeds.
     let uncached = generate_tokens(
         &model,
         &prompts,

@@ -173,10 +173,23 @@ fn chatml_tokenizer_uses_chatml_layout() {
 
     let rendered = tokenizer.render_prompt_response("Hi", "Hello").unwrap();
     let text = tokenizer.decode(&rendered.ids, false).unwrap();
-    assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n");
+    assert_eq!(
+        text,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    );
     assert_eq!(rendered.ids[0], start);
-    let response: Vec<u32> = rendered.ids.iter().zip(&rendered.response_mask).filter(|(_, &m)| m == 1).map(|(&id, _)| id).collect();
-    assert_eq!(*response.last().unwrap(), end, "the closing <|im_end|> counts as response");
+    let response: Vec<u32> = rendered
+        .ids
+        .iter()
+        .zip(&rendered.response_mask)
+        .filter(|(_, &m)| m == 1)
+        .map(|(&id, _)| id)
+        .collect();
+    assert_eq!(
+        *response.last().unwrap(),
+        end,
+        "the closing <|im_end|> counts as response"
+    );
     assert_eq!(tokenizer.decode(&response, true).unwrap(), "Hello");
     // The newline after <|im_end|> is not generated, so it is not response.
     assert_eq!(*rendered.response_mask.last().unwrap(), 0);
@@ -184,9 +197,17 @@ fn chatml_tokenizer_uses_chatml_layout() {
 
 #[test]
 fn tokenizer_without_chat_tokens_still_encodes() {
-    let json = trained().to_json().unwrap().replace("<|user|>", "<|unused_user|>");
+    let json = trained()
+        .to_json()
+        .unwrap()
+        .replace("<|user|>", "<|unused_user|>");
     let tokenizer = Tokenizer::from_bytes(json.as_bytes()).unwrap();
-    assert_eq!(tokenizer.decode(&tokenizer.encode("plain text").unwrap(), false).unwrap(), "plain text");
+    assert_eq!(
+        tokenizer
+            .decode(&tokenizer.encode("plain text").unwrap(), false)
+            .unwrap(),
+        "plain text"
+    );
     let err = tokenizer.render_prompt("hi").unwrap_err().to_string();
     assert!(err.contains("cannot render a chat"), "{err}");
 }

@@ -1,12 +1,15 @@
 //! `troupe-reward-scorer`: scores rollouts from the bus with the current reward model.
 
+use std::time::Duration;
+
 use clap::Parser;
 use troupe_bus::NatsArgs;
 use troupe_reward_scorer::Settings;
-use troupe_service::logging::{init_tracing, LogArgs};
-use troupe_service::settings::SettingsErrors;
+use troupe_service::http::{install_metrics_recorder, HttpArgs, HttpServer, HttpSettings, Readiness};
+use troupe_service::logging::{init_tracing, LogArgs, LogSettings};
+use troupe_service::settings::{parse_args_or_exit, SettingsErrors, EX_USAGE};
 use troupe_service::shutdown::{wait_for_signal, Shutdown, ShutdownArgs};
-use troupe_store::{Store, StoreArgs};
+use troupe_store::{Store, StoreArgs, StoreConfig};
 
 /// Reward scorer: takes rollouts from the bus's `rollouts` work queue and
 /// publishes scored rollouts on `scored`, following reward-model announcements.
@@ -22,65 +25,121 @@ struct Cli {
     #[command(flatten)]
     log: LogArgs,
     #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
     shutdown: ShutdownArgs,
+}
+
+/// Settings of the process that passed every check.
+struct Checked {
+    log: LogSettings,
+    http: HttpSettings,
+    grace: Duration,
+    store: StoreConfig,
 }
 
 #[tokio::main]
 async fn main() {
-    let cli: Cli = troupe_service::settings::parse_args_or_exit();
+    let cli: Cli = parse_args_or_exit();
+    let checked = check(&cli).unwrap_or_else(|problems| exit_invalid(&problems));
 
-    let mut errors = SettingsErrors::new();
-    let log = cli.log.validate(&mut errors);
-    let grace = cli.shutdown.validate(&mut errors);
-    let problems: Vec<String> = cli.nats.validate().into_iter().chain(cli.service.validate().err().unwrap_or_default()).collect();
-    let store_config = cli.store.validate();
-    let (Some(log), Some(grace), true, Ok(store_config)) = (log, grace, problems.is_empty() && errors.is_empty(), store_config) else {
-        eprintln!("{errors}");
-        for problem in problems {
-            eprintln!("  {problem}");
-        }
-        if let Err(store_errors) = cli.store.validate() {
-            for error in store_errors {
-                eprintln!("  {error}");
-            }
-        }
-        std::process::exit(troupe_service::settings::EX_USAGE);
-    };
-    if let Err(error) = init_tracing(&log) {
-        eprintln!("error: {error}");
+    if let Err(error) = init_tracing(&checked.log) {
+        eprintln!("troupe-reward-scorer: {error}");
         std::process::exit(1);
     }
+    if let Err(error) = serve(cli, checked).await {
+        tracing::error!(%error, "reward scorer failed");
+        std::process::exit(1);
+    }
+}
 
-    let bus = match troupe_bus::connect(&cli.nats).await {
-        Ok(bus) => bus,
-        Err(error) => {
-            tracing::error!(%error, "cannot connect to the bus");
-            std::process::exit(1);
-        }
-    };
-    let store = match Store::open(&store_config) {
-        Ok(store) => store,
-        Err(error) => {
-            tracing::error!(%error, "cannot open the store");
-            std::process::exit(1);
-        }
-    };
-    tracing::info!(rollouts = %bus.subjects().rollouts(), scored = %bus.subjects().scored(), models = %bus.subjects().models(), store = %store_config, reward_model = %cli.service.reward_model, "reward scorer starting");
+/// Checks every setting group and returns all problems at once, before
+/// anything binds or connects.
+fn check(cli: &Cli) -> Result<Checked, Vec<String>> {
+    let mut errors = SettingsErrors::new();
+    let log = cli.log.validate(&mut errors);
+    let http = cli.http.validate(&mut errors);
+    let grace = cli.shutdown.validate(&mut errors);
+    let mut problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    problems.extend(cli.nats.validate());
+    problems.extend(cli.service.validate().err().unwrap_or_default());
+    let store = cli.store.validate().map_err(|store_errors| {
+        problems.extend(store_errors.iter().map(ToString::to_string));
+    });
 
+    match (log, http, grace, store) {
+        (Some(log), Some(http), Some(grace), Ok(store)) if problems.is_empty() => {
+            Ok(Checked { log, http, grace, store })
+        }
+        _ => Err(problems),
+    }
+}
+
+fn exit_invalid(problems: &[String]) -> ! {
+    eprintln!("troupe-reward-scorer: invalid settings:");
+    for problem in problems {
+        eprintln!("  - {problem}");
+    }
+    std::process::exit(EX_USAGE);
+}
+
+/// Serves health and metrics, then scores rollouts until a signal arrives,
+/// `--max-rollouts` are settled or the scoring loop fails, and drains.
+async fn serve(cli: Cli, checked: Checked) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = Shutdown::new();
+    let readiness = Readiness::new();
+    let server = HttpServer::bind(checked.http.addr, readiness.clone(), install_metrics_recorder()?).await?;
+    tracing::info!(addr = %server.local_addr(), "serving health and metrics");
+    let http_task = tokio::spawn(server.run_until_shutdown(shutdown.listener()));
+
+    let store = Store::open(&checked.store)?;
+    tracing::info!(store = %store, "opened the object store");
+    let bus = troupe_bus::connect(&cli.nats).await?;
+    tracing::info!(
+        rollouts = %bus.subjects().rollouts(),
+        scored = %bus.subjects().scored(),
+        models = %bus.subjects().models(),
+        reward_model = %cli.service.reward_model,
+        "connected to the bus"
+    );
+    readiness.set_ready(true);
+
+    // The scoring loop keeps this listener until it returns, so the drain
+    // waits for the rollout in progress.
     let listener = shutdown.listener();
-    let service = tokio::spawn(troupe_reward_scorer::run(cli.service, bus.clone(), store, listener.into_recv()));
-    match wait_for_signal().await {
-        Ok(signal) => tracing::info!(%signal, "shutting down"),
-        Err(error) => tracing::warn!(%error, "cannot listen for signals; shutting down"),
-    }
-    shutdown.drain(grace).await;
-    match service.await {
-        Ok(Ok(summary)) => tracing::info!(scored = summary.scored, rejected = summary.rejected, "reward scorer finished"),
-        Ok(Err(error)) => tracing::error!(%error, "reward scorer failed"),
-        Err(error) => tracing::error!(%error, "reward scorer task panicked"),
-    }
+    let worker_bus = bus.clone();
+    let mut worker = tokio::spawn(async move {
+        let result = troupe_reward_scorer::run(cli.service, worker_bus, store, listener.clone().into_recv()).await;
+        drop(listener);
+        result
+    });
+
+    let finished = tokio::select! {
+        signal = wait_for_signal() => {
+            tracing::info!(signal = %signal?, "shutting down");
+            None
+        }
+        result = &mut worker => Some(result),
+    };
+    readiness.set_ready(false);
+    shutdown.drain(checked.grace).await;
+    http_task.abort();
+    let result = match finished {
+        Some(result) => Some(result),
+        None if worker.is_finished() => Some(worker.await),
+        None => {
+            // The rollout in progress stays unacknowledged, so the queue
+            // delivers it again after --ack-wait-secs.
+            worker.abort();
+            None
+        }
+    };
     if let Err(error) = bus.flush().await {
         tracing::warn!(%error, "failed to flush the bus");
     }
+    if let Some(result) = result {
+        let summary = result??;
+        tracing::info!(scored = summary.scored, rejected = summary.rejected, "reward scorer finished");
+    }
+    Ok(())
 }

@@ -81,7 +81,7 @@ impl Settings {
             problems.push("--max-in-flight: use at least 1".into());
         }
         if self.ack_wait_secs == 0 {
-            problems.push("--ack-wait: use at least 1 second".into());
+            problems.push("--ack-wait-secs: use at least 1 second".into());
         }
         if self.max_deliver == 0 {
             problems.push("--max-deliver: use at least 1".into());
