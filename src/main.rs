@@ -7,6 +7,7 @@
 //! - [`serve`]: `troupe serve SERVICE`, one service in the foreground.
 //! - [`up`]: `troupe up`, the three stages in one process.
 //! - [`rank`]: `troupe rank`, ranking candidate sets in a terminal.
+//! - [`status`]: `troupe status`, what the store holds and how ranking goes.
 //! - `troupe report`: plots and an HTML page of a run's progress (`troupe-report`).
 //! - [`compare`]: held-out answers of several versions, scored side by side.
 
@@ -16,6 +17,7 @@ mod models;
 mod rank;
 mod serve;
 mod stages;
+mod status;
 mod up;
 
 use std::process::ExitCode;
@@ -50,6 +52,8 @@ enum Command {
     Pretrain(stages::PretrainCommand),
     /// Fine-tune a base model on demonstrations (stage 2) in this process.
     Sft(stages::SftCommand),
+    /// Show the models and datasets in the store, and ranking progress.
+    Status(status::StatusCommand),
     /// Render a run's progress as SVG plots and an HTML page.
     Report(ReportCommand),
     /// Rank pending candidate sets in the terminal.
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
             Command::Serve(command) => serve::serve(command),
             Command::Rank(command) => rank::rank(command).await,
             Command::Report(command) => report(command).await,
+            Command::Status(command) => status::status(command).await,
         }
     });
     match result {

@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use troupe_ranking_intake::{parse_order_text, SetView};
-use troupe_wire::RankingReceipt;
+use troupe_ranking_intake::parse_order_text;
+use troupe_wire::{CandidateSet, RankingReceipt};
 
 /// Flags of `troupe rank`.
 #[derive(Args, Debug)]
@@ -45,12 +45,11 @@ pub async fn rank(command: RankCommand) -> Result<()> {
     println!("Enter `s` to skip a set, `q` to quit.");
     loop {
         let path = format!("/api/pending?limit={}", command.limit.clamp(1, 200));
-        let pending: Vec<SetView> = endpoint.request("GET", &path, &command.token, None).await?;
-        let Some(view) = pending.into_iter().find(|view| !skipped.contains(&view.set.set_id)) else {
+        let pending: Vec<CandidateSet> = endpoint.request("GET", &path, &command.token, None).await?;
+        let Some(set) = pending.into_iter().find(|set| !skipped.contains(&set.set_id)) else {
             println!("No pending candidate sets. {ranked} ranked in this session.");
             return Ok(());
         };
-        let set = view.set;
         println!("\nPrompt: {}", set.prompt);
         for (position, candidate) in set.candidates.iter().enumerate() {
             let end = if candidate.finish_reason == troupe_wire::FinishReason::Eos { "" } else { " [cut at the length limit]" };
@@ -92,6 +91,12 @@ pub async fn rank(command: RankCommand) -> Result<()> {
             println!("  rejected: {}", receipt.reason.unwrap_or_default());
         }
     }
+}
+
+/// Sends one GET request to the ranking intake at `url`, with a token when
+/// one is given, and decodes the JSON response.
+pub async fn get_json<T: DeserializeOwned>(url: &str, path: &str, token: Option<&str>) -> Result<T> {
+    Endpoint::parse(url)?.request("GET", path, token.unwrap_or(""), None).await
 }
 
 /// A plain-HTTP endpoint of the ranking intake.

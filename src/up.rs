@@ -6,11 +6,12 @@
 //!
 //! 1. Pretraining on the shipped corpus gives the base model.
 //! 2. Supervised fine-tuning on the shipped demonstrations gives the SFT model.
-//! 3. The sampler draws k candidates per prompt from the SFT model, the
-//!    scripted labeler ranks them (or people do, with `--human`), ranking
-//!    intake turns the rankings into preference pairs, the reward model is
-//!    trained on them, and the PPO learner improves the policy against it
-//!    while samplers and the reward scorer serve its rollouts.
+//! 3. The sampler draws k candidates per prompt from the SFT model. The
+//!    scripted labeler ranks them (or people do, with `--human`), and
+//!    ranking intake turns the rankings into preference pairs. The reward
+//!    model is trained on those pairs. Then the PPO learner improves the
+//!    policy against it, while the sampler and the reward scorer serve its
+//!    rollouts.
 //!
 //! At the end the held-out prompts are answered by the base, SFT and aligned
 //! models, and each answer is scored with the labeler's own rule, which the
@@ -124,7 +125,7 @@ impl Actors {
         Actors { stop: watch::channel(false).0, tasks: Vec::new() }
     }
 
-    /// A future that resolves when [`Actors::stop_all`] runs.
+    /// Returns a future that resolves when [`Actors::stop_all`] runs.
     fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut receiver = self.stop.subscribe();
         async move {
@@ -194,7 +195,7 @@ pub async fn up(command: UpCommand) -> Result<()> {
     let store = open_store(&command.store)?;
     let bus = troupe_bus::connect(&command.nats).await?;
     let run = bus.subjects().run().to_string();
-    // Job ids are new on every invocation, so a store that already holds an
+    // Job ids are new on every invocation, so a store that already contains an
     // earlier run's checkpoints starts this one from scratch.
     let unix_secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let jobs = format!("{run}-{unix_secs}");
@@ -359,7 +360,7 @@ fn bus_name(nats: &NatsArgs) -> String {
     }
 }
 
-/// A token for the ranking page, different for every run of the same seed.
+/// Makes a token for the ranking page, different for every run of the same seed.
 fn labeler_token(seed: u64) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:016x}", (nanos as u64) ^ seed.rotate_left(17) ^ u64::from(std::process::id()))

@@ -26,6 +26,13 @@ fn up_runs_three_stages_then_reports() {
     assert_eq!(scored, 3, "expected base, SFT and aligned score lines in:\n{stdout}");
     assert!(store.path().join("runs/cli-up/progress.jsonl").is_file());
 
+    let status = Command::new(env!("CARGO_BIN_EXE_troupe")).args(["status", "--store", store_path]).output().unwrap();
+    let status_text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "troupe status failed: {}", String::from_utf8_lossy(&status.stderr));
+    for expected in ["model base", "model sft", "model reward", "model policy", "dataset preferences"] {
+        assert!(status_text.contains(expected), "missing {expected:?} in:\n{status_text}");
+    }
+
     let out = tempfile::tempdir().unwrap();
     let report = Command::new(env!("CARGO_BIN_EXE_troupe"))
         .args(["report", "--run", "cli-up", "--store", store_path, "--out", out.path().to_str().unwrap()])
