@@ -46,3 +46,25 @@ fn up_runs_three_stages_then_reports() {
     });
     assert!(plots.count() >= 4, "expected plots of several stages");
 }
+
+/// The same actors over a real nats-server and a real S3 API (SeaweedFS),
+/// as `troupe up --nats URL --store s3://...` runs them.
+#[test]
+fn up_runs_over_nats_and_s3() {
+    let (Some(nats), Some(s3)) = (troupe_testkit::nats_url(), troupe_testkit::s3()) else { return };
+    let prefix = format!("cli-up-{}", std::process::id());
+    let store = format!("s3://{}/{prefix}", s3.bucket);
+    let output = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["up", "--nats", &nats, "--run", &prefix, "--store", &store, "--web-addr", "127.0.0.1:0"])
+        .args(["--s3-endpoint", &s3.endpoint, "--s3-access-key-id", "test", "--s3-secret-access-key", "test"])
+        .args(["--pretrain-steps", "20", "--sft-steps", "60", "--reward-steps", "30", "--ppo-steps", "2"])
+        .env("TROUPE_LOG", "warn")
+        .output()
+        .expect("run troupe up");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "troupe up over NATS and S3 failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains(&format!("bus {nats}")), "{stdout}");
+    assert!(stdout.contains("policy policy@"), "{stdout}");
+}
