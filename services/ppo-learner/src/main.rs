@@ -3,6 +3,7 @@
 use clap::Parser;
 use troupe_bus::NatsArgs;
 use troupe_ppo_learner::Settings;
+use troupe_service::http::{install_metrics_recorder, HttpArgs, HttpServer, Readiness};
 use troupe_service::logging::{init_tracing, LogArgs};
 use troupe_service::settings::SettingsErrors;
 use troupe_service::shutdown::{wait_for_signal, Shutdown, ShutdownArgs};
@@ -22,6 +23,8 @@ struct Cli {
     #[command(flatten)]
     log: LogArgs,
     #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
     shutdown: ShutdownArgs,
 }
 
@@ -32,6 +35,7 @@ async fn main() {
     let mut errors = SettingsErrors::new();
     let log = cli.log.validate(&mut errors);
     let grace = cli.shutdown.validate(&mut errors);
+    let http = cli.http.validate(&mut errors);
     let mut problems: Vec<String> = cli.nats.validate();
     problems.extend(cli.ppo.validate().err().unwrap_or_default());
     let store_config = match cli.store.validate() {
@@ -41,7 +45,9 @@ async fn main() {
             None
         }
     };
-    let (Some(log), Some(grace), Some(store_config), true) = (log, grace, store_config, problems.is_empty() && errors.is_empty()) else {
+    let (Some(log), Some(grace), Some(http), Some(store_config), true) =
+        (log, grace, http, store_config, problems.is_empty() && errors.is_empty())
+    else {
         eprintln!("troupe-ppo-learner: invalid settings:");
         for error in errors.iter() {
             eprintln!("  - {error}");
@@ -55,6 +61,27 @@ async fn main() {
         eprintln!("troupe-ppo-learner: {error}");
         std::process::exit(1);
     }
+
+    // Health and metrics come up first, so a probe can tell "starting" from
+    // "dead"; readiness follows once the store and the bus are reachable.
+    let shutdown = Shutdown::new();
+    let readiness = Readiness::new();
+    let recorder = match install_metrics_recorder() {
+        Ok(recorder) => recorder,
+        Err(error) => {
+            tracing::error!(%error, "cannot install the metrics recorder");
+            std::process::exit(1);
+        }
+    };
+    let server = match HttpServer::bind(http.addr, readiness.clone(), recorder).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve health and metrics");
+            std::process::exit(1);
+        }
+    };
+    tracing::info!(addr = %server.local_addr(), "serving health and metrics");
+    let http_task = tokio::spawn(server.run_until_shutdown(shutdown.listener()));
 
     let store = match Store::open(&store_config) {
         Ok(store) => store,
@@ -80,8 +107,8 @@ async fn main() {
         job_id = %cli.ppo.job_id,
         "ppo learner starting"
     );
+    readiness.set_ready(true);
 
-    let shutdown = Shutdown::new();
     let listener = shutdown.listener();
     let mut service = tokio::spawn(troupe_ppo_learner::run(cli.ppo, bus.clone(), store, listener.into_recv()));
     let finished = tokio::select! {
@@ -94,7 +121,9 @@ async fn main() {
         }
         result = &mut service => Some(result),
     };
+    readiness.set_ready(false);
     shutdown.drain(grace).await;
+    http_task.abort();
     let result = match finished {
         Some(result) => result,
         None => service.await,
