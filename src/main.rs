@@ -58,7 +58,9 @@ enum Command {
     Report(ReportCommand),
     /// Rank pending candidate sets in the terminal.
     Rank(rank::RankCommand),
-    /// Run one service in the foreground, with the flags of its own binary.
+    /// Run one service in the foreground, with the flags of its own binary
+    /// (`troupe serve sampler --help` lists the sampler's flags).
+    #[command(disable_help_flag = true)]
     Serve(serve::ServeCommand),
 }
 

@@ -32,8 +32,9 @@ pub async fn status(command: StatusCommand) -> Result<()> {
         let versions = registry.list_versions(&name).await?;
         let Some(latest) = registry.latest(&name).await? else { continue };
         let parent = latest.parent.as_ref().map(|parent| format!(", from {parent}")).unwrap_or_default();
+        let noun = if versions.len() == 1 { "version" } else { "versions" };
         println!(
-            "  model {name:<12} {} versions, newest {} ({}{parent}, {})",
+            "  model {name:<12} {} {noun}, newest {} ({}{parent}, {})",
             versions.len(),
             latest.model_ref(),
             latest.kind,
@@ -42,7 +43,8 @@ pub async fn status(command: StatusCommand) -> Result<()> {
     }
     for name in datasets.list_datasets().await.context("cannot list the datasets")? {
         let segments = datasets.list(&name).await?;
-        println!("  dataset {name:<12} {} records", segments.len());
+        let noun = if segments.len() == 1 { "record" } else { "records" };
+        println!("  dataset {name:<12} {} {noun}", segments.len());
     }
 
     if let Some(url) = &command.intake {

@@ -35,8 +35,8 @@ use crate::open_store;
 /// Flags of `troupe up`.
 #[derive(Args, Debug)]
 pub struct UpCommand {
-    /// Model size preset for stage 1: tiny (trains on a laptop CPU in
-    /// minutes) or small (a few million parameters).
+    /// Model size preset for stage 1: tiny (0.6 million parameters, trains
+    /// on a laptop CPU in minutes) or small (about 12 million parameters).
     #[arg(long, env = "TROUPE_UP_PRESET", default_value = "tiny")]
     pub preset: String,
 
@@ -71,9 +71,10 @@ pub struct UpCommand {
     #[arg(long, env = "TROUPE_UP_HUMAN")]
     pub human: bool,
 
-    /// Address of the ranking page.
-    #[arg(long, env = "TROUPE_UP_WEB_ADDR", default_value = "127.0.0.1:8090")]
-    pub web_addr: SocketAddr,
+    /// Address of the ranking page. Defaults to 127.0.0.1:8090 with
+    /// `--human` and to a free loopback port otherwise.
+    #[arg(long, env = "TROUPE_UP_WEB_ADDR")]
+    pub web_addr: Option<SocketAddr>,
 
     /// Demonstrations for stage 2 and prompts for stage 3 (JSONL). The
     /// default conversation pairs have answers of every length, so sampled
@@ -191,6 +192,13 @@ pub async fn up(command: UpCommand) -> Result<()> {
     if command.candidates < 2 {
         bail!("--candidates {} is too small; ranking needs at least 2 candidates per prompt", command.candidates);
     }
+    check_before_training(&command)?;
+    let web_addr = command
+        .web_addr
+        .unwrap_or_else(|| if command.human { SocketAddr::from(([127, 0, 0, 1], 8090)) } else { SocketAddr::from(([127, 0, 0, 1], 0)) });
+    // Bind once now, so a taken port fails before any training is spent.
+    std::net::TcpListener::bind(web_addr)
+        .with_context(|| format!("cannot serve the ranking page on {web_addr}; choose another address with --web-addr"))?;
     let started = Instant::now();
     let store = open_store(&command.store)?;
     let bus = troupe_bus::connect(&command.nats).await?;
@@ -232,7 +240,7 @@ pub async fn up(command: UpCommand) -> Result<()> {
     )?;
     let sft = troupe_sft_trainer::fine_tune(&sft_settings, &bus, &store, std::future::pending()).await?;
     println!(
-        "sft model {}: held-out response loss {:.3}, EOS rate {:.0}%",
+        "sft model {}: held-out response loss {:.3}, greedy answers ending with EOS {:.0}%",
         sft.model,
         sft.heldout_loss,
         sft.eos_rate * 100.0
@@ -245,11 +253,12 @@ pub async fn up(command: UpCommand) -> Result<()> {
     let sampler = troupe_sampler::run(sampler_settings, bus.clone(), store.clone(), actors.stopped());
     actors.spawn("sampler", async move { sampler.await.map_err(anyhow::Error::from) });
 
-    let mut intake_settings = troupe_ranking_intake::IntakeSettings { web_addr: command.web_addr, ..Default::default() };
-    let token = if command.human { Some(labeler_token(command.seed)) } else { None };
-    if let Some(token) = &token {
-        intake_settings.tokens.insert("person", token).map_err(anyhow::Error::msg)?;
-    }
+    let mut intake_settings = troupe_ranking_intake::IntakeSettings { web_addr, ..Default::default() };
+    // The page always gets a token, so it is never open without one; only
+    // a person ranking needs to see it.
+    let page_token = labeler_token(command.seed);
+    intake_settings.tokens.insert("person", &page_token).map_err(anyhow::Error::msg)?;
+    let token = command.human.then_some(page_token);
     let intake = troupe_ranking_intake::start(intake_settings, bus.clone(), store.clone(), actors.stopped()).await?;
     let intake_state = intake.intake.clone();
     let web_addr = intake.web_addr;
@@ -281,10 +290,16 @@ pub async fn up(command: UpCommand) -> Result<()> {
         bus.publish_durable(&bus.subjects().prompts(), &Envelope::new(&run, batch)).await?;
     }
     println!("sampling {} candidates for each of {} prompts from {}", command.candidates, chosen.len(), sft.model);
+    if !command.human {
+        println!("(the scripted labeler leaves sets whose candidates all score the same unranked; the run goes on {} s after the last ranking)", QUIET_PERIOD.as_secs());
+    }
     let rankings = wait_for_rankings(&intake_state, &actors, chosen.len(), command.human).await?;
     println!("ranked {} candidate sets into {} preference pairs", rankings.records, rankings.pairs);
-    if rankings.records < 2 {
-        bail!("only {} rankings arrived; the reward model needs at least 2", rankings.records);
+    if rankings.records < 8 {
+        bail!(
+            "only {} candidate sets were ranked; the reward model needs at least 8 to hold some out. Rank more, or raise --rank-prompts",
+            rankings.records
+        );
     }
 
     let reward_settings: troupe_reward_trainer::Settings = stage_settings(
@@ -352,6 +367,34 @@ async fn save_progress(store: &troupe_store::Store, run: &str, progress: &[JobPr
     Ok(key.to_string())
 }
 
+/// Checks what can fail late before stage 1 spends minutes training: the
+/// stage settings as `troupe up` will pass them, and the data paths.
+fn check_before_training(command: &UpCommand) -> Result<()> {
+    let mut problems = Vec::new();
+    if !std::path::Path::new("data/corpus").is_dir() {
+        let here = std::env::current_dir().map(|dir| dir.display().to_string()).unwrap_or_default();
+        problems.push(format!(
+            "data/corpus not found in {here}; run troupe up from the root of the troupe repository, where the shipped data is"
+        ));
+    }
+    for (flag_name, path) in [("--demonstrations", &command.demonstrations), ("--heldout", &command.heldout)] {
+        if !path.is_file() {
+            problems.push(format!("{flag_name} {}: no such file", path.display()));
+        }
+    }
+    let pretrain: Result<troupe_pretrainer::Settings> =
+        stage_settings("pretrain", &[flag("preset", &command.preset), flag("steps", command.pretrain_steps)]);
+    match pretrain {
+        Ok(settings) => problems.extend(settings.validate().err().unwrap_or_default()),
+        Err(err) => problems.push(format!("{err:#}")),
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let noun = if problems.len() == 1 { "setting" } else { "settings" };
+    bail!("{} invalid {noun}:\n  {}", problems.len(), problems.join("\n  "))
+}
+
 fn bus_name(nats: &NatsArgs) -> String {
     if nats.nats_url.trim().is_empty() {
         "in-process".to_string()
@@ -369,7 +412,7 @@ fn labeler_token(seed: u64) -> String {
 /// How long the scripted labeler may go without ranking another set before
 /// the run continues with the rankings it has: some sets tie on every
 /// candidate and are never ranked.
-const QUIET_PERIOD: Duration = Duration::from_secs(20);
+const QUIET_PERIOD: Duration = Duration::from_secs(10);
 
 /// Waits until every candidate set is ranked, or (for the scripted labeler)
 /// until rankings stop arriving for [`QUIET_PERIOD`].
@@ -458,7 +501,12 @@ fn print_summary(
     println!("\n== summary ({:.1} minutes)", elapsed.as_secs_f64() / 60.0);
     println!("stage 1  base {}   held-out loss {:.3} nats/token (unigram entropy {:.3})", base.model, base.heldout_loss, base.unigram_entropy);
     let before = sft.heldout_loss_before.map(|loss| format!("{loss:.3} -> ")).unwrap_or_default();
-    println!("stage 2  sft {}   held-out response loss {before}{:.3}, EOS rate {:.0}%", sft.model, sft.heldout_loss, sft.eos_rate * 100.0);
+    println!(
+        "stage 2  sft {}   held-out response loss {before}{:.3}, greedy answers ending with EOS {:.0}%",
+        sft.model,
+        sft.heldout_loss,
+        sft.eos_rate * 100.0
+    );
     println!(
         "stage 3  reward {}   held-out pairwise accuracy {:.2}, loss {:.3}",
         reward.model, reward.heldout.accuracy, reward.heldout.loss
