@@ -184,7 +184,20 @@ impl Actors {
     }
 }
 
+/// Runs the pipeline until it ends or the person presses Ctrl-C. An
+/// interrupted run keeps every version published so far: each is complete
+/// once its manifest exists, and a half-written one stays invisible.
 pub async fn up(command: UpCommand) -> Result<()> {
+    tokio::select! {
+        result = run_pipeline(command) => result,
+        interrupt = tokio::signal::ctrl_c() => {
+            interrupt.context("cannot listen for Ctrl-C")?;
+            bail!("interrupted; the model versions published so far stay in the store (`troupe status` lists them)")
+        }
+    }
+}
+
+async fn run_pipeline(command: UpCommand) -> Result<()> {
     let problems = command.nats.validate();
     if !problems.is_empty() {
         bail!("invalid settings:\n  {}", problems.join("\n  "));
