@@ -13,6 +13,9 @@
 //!   responses end with EOS.
 //! - [`job`]: turns a `JobRequest`'s settings map into command-line arguments
 //!   for the trainer's clap `Settings`.
+//! - [`service`]: [`serve`], the job-service loop that takes a stage's
+//!   `JobRequest`s from its durable queue, trains each through the stage's
+//!   [`JobStage`] and settles the delivery by the outcome.
 //!
 //! Not here: the training loops themselves, which stay in each service so each
 //! reads top to bottom, and data loading, which differs per stage.
@@ -23,6 +26,7 @@ pub mod eval;
 pub mod job;
 pub mod progress;
 pub mod schedule;
+pub mod service;
 
 pub use accumulate::GradAccumulator;
 pub use checkpoint::{
@@ -33,6 +37,7 @@ pub use eval::{eos_rate, mean_loss, unigram_entropy};
 pub use job::settings_args;
 pub use progress::{DerivedSizes, StepReporter, StepStats};
 pub use schedule::LrSchedule;
+pub use service::{serve, JobContext, JobQueueSettings, JobStage};
 
 /// Errors of the training helpers.
 #[derive(Debug, thiserror::Error)]

@@ -8,18 +8,18 @@
 //! dead-letter subject with the reason. A job interrupted by shutdown or by a
 //! store or bus failure is handed back (`nak`) and, when delivered again here
 //! or to another replica, resumes from its newest checkpoint.
+//!
+//! The loop itself is [`troupe_train::serve`]; this module supplies the
+//! fine-tuning stage through [`troupe_train::JobStage`].
 
 use std::future::Future;
-use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::Instrument;
-use troupe_bus::{BusHandle, Delivery, QueueConfig};
+use troupe_bus::BusHandle;
 use troupe_store::Store;
-use troupe_train::settings_args;
-use troupe_wire::{Envelope, JobRequest, Stage};
+use troupe_train::{serve, settings_args, JobContext, JobQueueSettings, JobStage};
+use troupe_wire::{JobRequest, Stage};
 
 use crate::train::{fine_tune_with, Control};
 use crate::{Settings, SftError};
@@ -65,21 +65,12 @@ pub struct ServiceSettings {
 impl ServiceSettings {
     /// Checks every setting and returns all problems at once.
     pub fn validate(&self) -> Result<(), Vec<String>> {
-        let mut problems = Vec::new();
-        if self.job_ack_wait_secs < 4 {
-            problems.push(format!(
-                "--job-ack-wait {}: use at least 4 seconds",
-                self.job_ack_wait_secs
-            ));
-        }
-        if self.job_max_deliver == 0 {
-            problems.push("--job-max-deliver: use at least 1".into());
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        self.queue_settings().validate()
+    }
+
+    fn queue_settings(&self) -> JobQueueSettings {
+        let ServiceSettings { queue, job_ack_wait_secs, job_max_deliver, job_retry_delay_secs } = self.clone();
+        JobQueueSettings { queue, job_ack_wait_secs, job_max_deliver, job_retry_delay_secs }
     }
 }
 
@@ -92,109 +83,27 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SftError> {
     settings.validate().map_err(SftError::Settings)?;
-    let (stop_tx, mut stop) = watch::channel(false);
-    let watcher = tokio::spawn(async move {
-        shutdown.await;
-        stop_tx.send(true).ok();
-    });
-
-    let ack_wait = Duration::from_secs(settings.job_ack_wait_secs);
-    let mut config = QueueConfig::new(&settings.queue, &bus.subjects().jobs_for(troupe_wire::Stage::Sft));
-    config.ack_wait = ack_wait;
-    config.max_deliver = settings.job_max_deliver;
-    // One job at a time: a job occupies the whole process.
-    config.max_in_flight = 1;
-    let mut queue = bus.queue(config).await?;
-    tracing::info!(queue = %settings.queue, subject = %bus.subjects().jobs_for(troupe_wire::Stage::Sft), "waiting for fine-tuning jobs");
-
-    loop {
-        let next = tokio::select! {
-            _ = stop.wait_for(|stopped| *stopped) => break,
-            next = queue.next_message::<JobRequest>() => next?,
-        };
-        let (envelope, delivery) = next;
-        handle_job(
-            &settings,
-            &bus,
-            &store,
-            envelope,
-            delivery,
-            stop.clone(),
-            ack_wait,
-        )
-        .await?;
-    }
-    watcher.abort();
+    serve(settings.queue_settings(), bus, store, shutdown, job_settings).await?;
     tracing::info!("sft trainer stopped");
     Ok(())
 }
 
-async fn handle_job(
-    settings: &ServiceSettings,
-    bus: &BusHandle,
-    store: &Store,
-    envelope: Envelope<JobRequest>,
-    delivery: Delivery,
-    stop: watch::Receiver<bool>,
-    ack_wait: Duration,
-) -> Result<(), SftError> {
-    let job = envelope.payload;
-    if job.stage != Stage::Sft {
-        tracing::debug!(job_id = %job.job_id, stage = ?job.stage, "job for another stage; skipping");
-        delivery.ack().await?;
-        return Ok(());
-    }
-    let span = tracing::info_span!("job", job_id = %job.job_id, message_id = %envelope.id);
-    train_job(settings, bus, store, job, delivery, stop, ack_wait)
-        .instrument(span)
-        .await
-}
+impl JobStage for Settings {
+    type Error = SftError;
 
-/// Trains one job of this stage and settles its delivery by the outcome.
-async fn train_job(
-    settings: &ServiceSettings,
-    bus: &BusHandle,
-    store: &Store,
-    job: JobRequest,
-    delivery: Delivery,
-    stop: watch::Receiver<bool>,
-    ack_wait: Duration,
-) -> Result<(), SftError> {
-    let job_settings = match job_settings(&job) {
-        Ok(job_settings) => job_settings,
-        Err(reason) => {
-            delivery
-                .reject(&format!("job {}: {reason}", job.job_id))
-                .await?;
-            return Ok(());
-        }
-    };
-    tracing::info!(output = %job_settings.output, delivered = delivery.delivered, "fine-tuning job started");
-
-    let control = Control {
-        stop,
-        keepalive: Some((&delivery, ack_wait / 4)),
-    };
-    let outcome = fine_tune_with(&job_settings, bus, store, control).await;
-    match outcome {
-        Ok(outcome) => {
-            tracing::info!(model = %outcome.model, heldout_loss = outcome.heldout_loss, eos_rate = outcome.eos_rate, "fine-tuning job finished");
-            delivery.ack().await?;
-        }
-        Err(error) if error.is_permanent() => {
-            tracing::warn!(%error, "fine-tuning job failed");
-            delivery
-                .reject(&format!("job {}: {error}", job.job_id))
-                .await?;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "fine-tuning job interrupted; handing it back for a retry");
-            delivery
-                .nak(Duration::from_secs(settings.job_retry_delay_secs))
-                .await?;
-        }
+    async fn train(&self, job: JobContext<'_>) -> Result<(), SftError> {
+        let control = Control { stop: job.stop, keepalive: Some(job.keepalive) };
+        let outcome = fine_tune_with(self, job.bus, job.store, control).await?;
+        tracing::info!(model = %outcome.model, heldout_loss = outcome.heldout_loss, eos_rate = outcome.eos_rate, "fine-tuning job finished");
+        Ok(())
     }
-    Ok(())
+
+    const STAGE: Stage = Stage::Sft;
+    const JOB_KIND: &'static str = "fine-tuning";
+
+    fn is_permanent(error: &SftError) -> bool {
+        error.is_permanent()
+    }
 }
 
 /// Builds the job's training settings: its settings map parsed like the command
