@@ -44,7 +44,7 @@ pub use settings::{connect, NatsArgs};
 /// default.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Why a bus operation failed.
+/// Errors of bus operations.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {reason}; check that nats-server runs there with JetStream enabled (-js)")]
@@ -68,7 +68,7 @@ pub enum BusError {
 /// The operations every bus implementation provides.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// The subjects of the run this bus serves.
+    /// Returns the subjects of the run this bus serves.
     fn subjects(&self) -> &Subjects;
 
     /// Publishes without waiting for storage: for notices whose loss a
@@ -76,8 +76,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, subject: &str, message: Outgoing) -> Result<(), BusError>;
 
     /// Publishes and waits until the stream has stored the message.
-    /// A message id seen within [`DUPLICATE_WINDOW`] is not stored again and
-    /// the result says `duplicate`.
+    /// A message id seen within [`DUPLICATE_WINDOW`] is not stored again, and
+    /// the result marks it `duplicate`.
     async fn publish_durable(&self, subject: &str, message: Outgoing) -> Result<Published, BusError>;
 
     /// Subscribes to live messages on `subject`, which may hold `*` and `>`.

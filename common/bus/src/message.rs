@@ -19,7 +19,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// A message with the given id and encoding.
+    /// Creates a message with the given id and encoding.
     pub fn new(id: &str, content_type: ContentType, payload: impl Into<Bytes>) -> Outgoing {
         let headers = BTreeMap::from([
             (MESSAGE_ID_HEADER.to_string(), id.to_string()),
@@ -44,7 +44,7 @@ impl Outgoing {
         self
     }
 
-    /// The message id, if set.
+    /// Returns the message id, if set.
     pub fn id(&self) -> Option<&str> {
         self.headers.get(MESSAGE_ID_HEADER).map(String::as_str)
     }
@@ -68,12 +68,12 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// The message id header, if the sender set one.
+    /// Returns the message id header, if the sender set one.
     pub fn id(&self) -> Option<&str> {
         self.headers.get(MESSAGE_ID_HEADER).map(String::as_str)
     }
 
-    /// The raw content-type header, if the sender set one.
+    /// Returns the raw content-type header, if the sender set one.
     pub fn content_type_header(&self) -> Option<&str> {
         self.headers.get(CONTENT_TYPE_HEADER).map(String::as_str)
     }

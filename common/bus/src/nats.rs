@@ -11,7 +11,7 @@
 //!
 //! The client reconnects by itself after a lost connection, with an
 //! exponential backoff capped at [`MAX_RECONNECT_DELAY`] and a log line per
-//! attempt; publishes made meanwhile wait in the client's buffer.
+//! attempt. Publishes made meanwhile wait in the client's buffer.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -107,7 +107,7 @@ fn connect_options() -> ConnectOptions {
         .name("troupe")
         .connection_timeout(Duration::from_secs(5))
         .reconnect_delay_callback(|attempts| {
-            // async-nats asks for a delay before every connection attempt,
+            // async-nats requests a delay before every connection attempt,
             // the first one included (attempts = 1), so that one connects at
             // once and only later attempts back off and log.
             if attempts <= 1 {

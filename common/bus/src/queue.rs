@@ -82,7 +82,7 @@ impl QueueConfig {
     }
 }
 
-/// What an implementation returns for one delivery.
+/// One delivery as an implementation returns it.
 pub struct RawDelivery {
     pub message: Incoming,
     /// 1 on first delivery, 2 on the first redelivery, and so on.
@@ -100,13 +100,13 @@ pub trait QueueSource: Send {
 /// Settles one delivery.
 #[async_trait]
 pub trait Acker: Send + Sync {
-    /// The work is done and stored; never deliver this message again.
+    /// Marks the work done and stored, so the message is never delivered again.
     async fn ack(&self) -> Result<(), BusError>;
     /// Deliver it again after `delay`.
     async fn nak(&self, delay: Duration) -> Result<(), BusError>;
     /// Never deliver it again, without success.
     async fn term(&self) -> Result<(), BusError>;
-    /// The work goes on; restart the `ack_wait` clock.
+    /// Restarts the `ack_wait` clock while the work goes on.
     async fn progress(&self) -> Result<(), BusError>;
 }
 

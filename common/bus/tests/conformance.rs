@@ -42,7 +42,7 @@ fn progress(step: u64) -> JobProgress {
     }
 }
 
-/// A job-progress message with a fresh id, encoded for publishing.
+/// Encodes a job-progress message with a fresh id for publishing.
 fn outgoing(bus: &BusHandle, subject: &str, step: u64) -> Outgoing {
     let envelope = Envelope::new(bus.subjects().run().as_str(), progress(step));
     Outgoing::encode(subject, &envelope, ContentType::MessagePack).unwrap()

@@ -4,8 +4,8 @@
 //!
 //! `.ci/run` starts one of each and exports their addresses; tests then reuse
 //! them through [`nats_url`] and [`s3`]. Outside CI the first call starts a
-//! server that lives as long as the test binary: it is spawned from a thread
-//! that never exits and asks the kernel (`PR_SET_PDEATHSIG`) to kill it when
+//! server that lives as long as the test binary. It is spawned from a thread
+//! that never exits, with `PR_SET_PDEATHSIG` set so the kernel kills it when
 //! that thread dies, so no server outlives the tests. [`NatsServer::start`]
 //! gives a test its own server to stop and restart.
 //!
@@ -205,7 +205,7 @@ impl Drop for SeaweedServer {
 }
 
 /// Creates `bucket` with an unsigned `PUT /bucket`, retrying until the S3
-/// gateway answers (it opens its port before its filer is ready).
+/// gateway responds (it opens its port before its filer is ready).
 fn create_bucket(port: u16, bucket: &str) {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {

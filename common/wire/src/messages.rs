@@ -57,7 +57,7 @@ impl SamplingParams {
     }
 }
 
-/// What a sampler produces for each prompt of a batch.
+/// Output mode of a sampler for each prompt of a batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SampleMode {
@@ -115,7 +115,7 @@ impl Message for PromptBatch {
     }
 }
 
-/// Why generation stopped.
+/// Reason generation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -183,7 +183,7 @@ pub struct Ranking {
     /// Id of this judgement; the same id delivered twice is stored once.
     pub ranking_id: String,
     pub set_id: String,
-    /// Who ranked: a person's id or a tool's name.
+    /// Id of the labeler: a person's id or a tool's name.
     pub labeler: String,
     pub order: Vec<Vec<String>>,
     /// Free text from the labeler, stored with the ranking.
@@ -225,7 +225,7 @@ pub struct RankingReceipt {
     pub ranking_id: String,
     pub set_id: String,
     pub accepted: bool,
-    /// Why the ranking was rejected; `None` when accepted.
+    /// Reason the ranking was rejected, or `None` when it was accepted.
     pub reason: Option<String>,
     /// Preference pairs the ranking produced (0 when rejected).
     pub pairs: u32,
@@ -418,7 +418,7 @@ impl Message for JobRequest {
     }
 }
 
-/// Where a job stands.
+/// State of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

@@ -40,7 +40,7 @@ pub const DEAD: &str = "dead";
 pub const ALL: [&str; 11] =
     [PROMPTS, CANDIDATES, RANKINGS, RECEIPTS, PREFERENCES, ROLLOUTS, SCORED, MODELS, JOBS, PROGRESS, DEAD];
 
-/// Longest run id accepted; it becomes part of stream and consumer names.
+/// Maximum length of a run id, which becomes part of stream and consumer names.
 pub const MAX_RUN_ID_LEN: usize = 64;
 
 /// A validated run id: ASCII letters, digits, `-` and `_`, so it is safe in
@@ -139,7 +139,7 @@ impl Subjects {
     }
 }
 
-/// Whether `subject` matches a NATS subject `pattern`, where `*` matches one
+/// Returns whether `subject` matches a NATS subject `pattern`, where `*` matches one
 /// token and a final `>` matches one or more tokens.
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     let mut pattern_tokens = pattern.split('.');
